@@ -1,0 +1,20 @@
+"""tfpar: Megatron-style tensor parallelism for Keras 3 models on DTensor."""
+
+from tfpar.devices import configure_virtual_devices
+from tfpar.mesh import DeviceMesh
+from tfpar.plan import Plan
+from tfpar.styles import ColumnParallel, ParallelStyle, Replicated, RowParallel
+from tfpar.tensor_parallel import TensorParallel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ColumnParallel",
+    "DeviceMesh",
+    "ParallelStyle",
+    "Plan",
+    "Replicated",
+    "RowParallel",
+    "TensorParallel",
+    "configure_virtual_devices",
+]
