@@ -130,10 +130,11 @@ def test_per_device_bytes_of_kernels_and_state_are_one_nth(mesh, n):
 def test_adam_under_plain_dtensor_bug_is_avoided():
     """Keras 3 Adam on DTensor without tfpar's fixes trains silently wrong.
 
-    DTensor reads a replicated variable stale inside a tf.function after a
-    write of a sharded value; tfpar writes every value in its variable's
-    layout. This pins the DTensor behaviour so a TF upgrade that fixes it
-    shows up here, and shows tfpar's variable is immune.
+    Inside a tf.function on a mesh, DTensor can run a variable's read before
+    an earlier write of it (Adam's moments are written, then read), so the
+    weight update sees stale moments. tfpar's variable forwards the written
+    value to later reads. This pins the DTensor behaviour, so a TF upgrade
+    that fixes it shows up here, and shows tfpar's variable is immune.
     """
     from tensorflow.experimental import dtensor
 

@@ -5,6 +5,8 @@ This is the only module that calls `relayout`, `pack`, `unpack` and
 adapter say *where* a tensor should live, and this module moves it.
 """
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -105,28 +107,67 @@ def bytes_per_device(value):
 
 
 class LaidOutVariable(dtensor.DVariable):
-    """A DVariable that keeps every write in its own layout.
+    """A DVariable whose reads inside a function see that function's writes.
 
-    DTensor mis-orders a write whose value has another layout than the
-    variable: inside a `tf.function`, a read that follows
-    `v.assign_add(value_sharded)` on a replicated `v` can see the value from
-    before the write. Keras 3's Adam does exactly this (replicated moments,
-    sharded gradients) and trains silently wrong. Relayouting the value to
-    the variable's layout before every write removes the mismatch at its
-    root, so any optimizer or metric that writes variables stays exact.
+    DTensor (TF 2.21) can order a `ReadVariableOp` before an earlier
+    `AssignVariableOp` of the same variable inside a `tf.function`: the
+    control edge that orders them is lost when the function is lowered to
+    the mesh. Keras 3's Adam writes its moments and then reads them to update
+    the weight, so on a mesh it trains silently wrong (the weight update sees
+    moments of zero, or stale ones). Eager execution is unaffected.
+
+    This variable removes the dependence on that edge: inside a traced
+    function each write computes the new value as a tensor, writes it, and
+    later reads in the same function return that tensor (a data dependency,
+    which lowering keeps). Every written value is first put in the
+    variable's own layout. Eagerly it behaves as any DVariable.
     """
 
-    def _in_layout(self, value):
-        return place(value, self.layout)
+    def _pending_values(self):
+        pending = self.__dict__.get("_tfpar_pending")
+        if pending is None:
+            pending = self.__dict__["_tfpar_pending"] = weakref.WeakKeyDictionary()
+        return pending
+
+    def _write(self, kind, value, use_locking, name, read_value):
+        value = place(value, self.layout)
+        if tf.executing_eagerly():
+            method = getattr(super(), kind)
+            return method(value, use_locking, name, read_value)
+        graph = tf.compat.v1.get_default_graph()
+        pending = self._pending_values()
+        previous = pending.get(graph)
+        current = previous[0] if previous is not None else None
+        if kind == "assign":
+            new = value
+        else:
+            if current is None:
+                current = super()._read_variable_op()
+            new = current + value if kind == "assign_add" else current - value
+        deps = [previous[1]] if previous is not None else []
+        with tf.control_dependencies(deps):
+            op = super().assign(new, use_locking=use_locking, name=name, read_value=False)
+        pending[graph] = (new, op)
+        if read_value:
+            with tf.control_dependencies([op]):
+                return tf.identity(new)
+        return op
 
     def assign(self, value, use_locking=None, name=None, read_value=True):
-        return super().assign(self._in_layout(value), use_locking, name, read_value)
+        return self._write("assign", value, use_locking, name, read_value)
 
     def assign_add(self, delta, use_locking=None, name=None, read_value=True):
-        return super().assign_add(self._in_layout(delta), use_locking, name, read_value)
+        return self._write("assign_add", delta, use_locking, name, read_value)
 
     def assign_sub(self, delta, use_locking=None, name=None, read_value=True):
-        return super().assign_sub(self._in_layout(delta), use_locking, name, read_value)
+        return self._write("assign_sub", delta, use_locking, name, read_value)
+
+    def _read_variable_op(self, no_copy=False):
+        if not tf.executing_eagerly():
+            previous = self._pending_values().get(tf.compat.v1.get_default_graph())
+            if previous is not None:
+                return tf.identity(previous[0])
+        return super()._read_variable_op(no_copy=no_copy)
 
     def numpy(self):
         return gather(self.read_value()).numpy()

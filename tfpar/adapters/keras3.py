@@ -102,12 +102,24 @@ def _own_variables(layer):
 
 
 def _leaf_layers(model):
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if not isinstance(layer, keras.Model)
-        and not isinstance(layer, keras.metrics.Metric)
-    ]
+    """Layers that own variables, in model order (topological for Functional).
+
+    Order matters to `plan="auto"`, which pairs consecutive Dense layers.
+    """
+    out, seen = [], set()
+
+    def walk(layer):
+        if id(layer) in seen or isinstance(layer, keras.metrics.Metric):
+            return
+        seen.add(id(layer))
+        if not isinstance(layer, keras.Model) and _own_variables(layer):
+            out.append(layer)
+        children = layer.layers if isinstance(layer, keras.Model) else layer._layers
+        for child in children:
+            walk(child)
+
+    walk(model)
+    return out
 
 
 def layer_specs(model):
@@ -150,29 +162,6 @@ def _add_variable_from_reference(self, reference_variable, name=None, initialize
         )
     finally:
         _state.reference = previous
-
-
-def _optimizer_apply(self, grads, trainable_variables=None):
-    variables = self._trainable_variables if trainable_variables is None else trainable_variables
-    grads = [_gradient_in_layout(g, v) for g, v in zip(grads, variables)]
-    return _original["apply"](self, grads, trainable_variables)
-
-
-def _gradient_in_layout(gradient, variable):
-    """A gradient in exactly its variable's layout.
-
-    DTensor may hand back a gradient in another layout than its variable,
-    or one still awaiting its cross-device reduction; an optimizer that
-    applies a non-linear function to it (Adam squares it) must see the
-    reduced value in the variable's layout. The explicit relayout forces
-    both.
-    """
-    value = getattr(variable, "_value", variable)
-    if gradient is None or not isinstance(value, _dtensor.LaidOutVariable):
-        return gradient
-    if isinstance(gradient, tf.IndexedSlices):
-        return gradient
-    return _dtensor.place(gradient, value.layout)
 
 
 def _with_owner(method_name):
@@ -220,8 +209,6 @@ def install():
     tf_core.Variable._initialize = _initialize
     _original["add_variable_from_reference"] = tf_optimizer.TFOptimizer.add_variable_from_reference
     tf_optimizer.TFOptimizer.add_variable_from_reference = _add_variable_from_reference
-    _original["apply"] = tf_optimizer.TFOptimizer.apply
-    tf_optimizer.TFOptimizer.apply = _optimizer_apply
     for kind in ("train", "test", "predict"):
         setattr(tf_trainer.TensorFlowTrainer, f"make_{kind}_function", _make_function(kind))
     for name in ("fit", "evaluate", "predict", "train_on_batch", "test_on_batch", "predict_on_batch"):
@@ -311,7 +298,8 @@ def adopt(model, tp):
     for v in (optimizer.variables if optimizer is not None else []):
         ref = refs.get(id(v))
         if ref is not None:
-            moved |= _move(v, _dtensor.layout_of(ref._value), tp)
+            target = expected.get(id(ref)) or _dtensor.replicated(tp.mesh, len(v.shape))
+            moved |= _move(v, target, tp)
     if moved:
         for attribute in ("train_function", "test_function", "predict_function"):
             setattr(model, attribute, None)
@@ -324,7 +312,8 @@ def adopt(model, tp):
 
 def _move(variable, target, tp):
     current = variable._value
-    if _dtensor.layout_of(current) == target and getattr(current, "_tfpar_owner", None) is tp:
+    layout = _dtensor.layout_of(current)
+    if layout is not None and layout == target and getattr(current, "_tfpar_owner", None) is tp:
         return False
     new = _dtensor.make_variable(
         current.read_value() if _dtensor.is_dtensor(current) else current.value(),
@@ -404,7 +393,8 @@ def _build_function(model, tp, kind):
             logs = None
             for batch in _next_batches(model, iterator):
                 logs = run(batch)
-            return tf.nest.map_structure(_dtensor.gather, logs)
+            logs = tf.nest.map_structure(_dtensor.gather, logs)
+            return logs
 
     function._tfpar = True
     return function
