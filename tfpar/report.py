@@ -87,7 +87,7 @@ def describe(tp, model):
         )
     report = memory_report(tp, model)
     buffer = io.StringIO()
-    console = Console(file=buffer, width=140, force_terminal=False)
+    console = Console(file=buffer, width=170, force_terminal=False)
     console.print(table)
     console.print(
         f"weights + optimizer state: {report['total_bytes']:,} bytes unsharded, "

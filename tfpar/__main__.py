@@ -1,0 +1,5 @@
+import sys
+
+from tfpar.cli import main
+
+sys.exit(main())
