@@ -252,3 +252,17 @@ def test_per_batch_logs_seen_by_callbacks_equal_plain():
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[BatchLogs()])
     assert len(runs[0]) == len(runs[1]) == 8
     np.testing.assert_allclose(runs[1], runs[0], atol=1e-5)
+
+
+def test_memory_report_counts_optimizer_state_once_built():
+    x, y = regression_data(8)
+    _, tp, sharded = compiled_pair("1x4")
+    before = tp.memory_report(sharded)
+    assert before["optimizer_bytes"] == 0 and before["per_device_optimizer_bytes"] == 0
+    sharded.fit(x, y, batch_size=8, verbose=0)
+    after = tp.memory_report(sharded)
+    assert after["param_bytes"] == before["param_bytes"]
+    # Adam: two moments per weight, plus its int64 iteration and float32 learning rate.
+    assert after["optimizer_bytes"] == 2 * after["param_bytes"] + 8 + 4
+    assert after["total_bytes"] == after["param_bytes"] + after["optimizer_bytes"]
+    assert after["per_device_optimizer_bytes"] < after["optimizer_bytes"] / 2

@@ -37,7 +37,16 @@ from keras.src.backend.tensorflow import trainer as tf_trainer
 from tfpar import _dtensor
 from tfpar.styles import LayerSpec
 
-__all__ = ["install", "placing", "layer_specs", "adopt", "owner_of", "model_variables"]
+__all__ = [
+    "adopt",
+    "adopt_metric",
+    "adopt_optimizer",
+    "install",
+    "layer_specs",
+    "model_variables",
+    "owner_of",
+    "placing",
+]
 
 _state = threading.local()
 _installed = False
@@ -174,7 +183,7 @@ def _with_owner(method_name):
         if tp is None:
             return original(self, *args, **kwargs)
         with placing(tp):
-            adopt(self, tp)
+            adopt(self, tp, build_optimizer=method_name in ("fit", "train_on_batch"))
             return original(self, *args, **kwargs)
 
     return wrapper
@@ -265,13 +274,15 @@ def _optimizer_references(optimizer):
     return refs
 
 
-def adopt(model, tp):
+def adopt(model, tp, *, build_optimizer=False):
     """Lays out every variable of `model` as `tp` says; moves what is elsewhere.
 
     Resolves `tp`'s plan over all of the model's layers (raising for keys that
     match nothing), then re-places each variable whose layout differs: weights
     by their layer's style, optimizer state like its variable, the rest
-    replicated. Returns the plan's assignments by layer path.
+    replicated. With `build_optimizer`, a compiled model's optimizer is
+    built now, eagerly and on the mesh (before the train step is traced).
+    Returns the plan's assignments by layer path.
     """
     install()
     specs = layer_specs(model)
@@ -283,7 +294,13 @@ def adopt(model, tp):
         for v in _own_variables(layer):
             expected[id(v)] = tp._style_layout(spec, style, _short_name(v), len(v.shape))
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not optimizer.built and model.built and model.trainable_variables:
+    if (
+        build_optimizer
+        and optimizer is not None
+        and not optimizer.built
+        and model.built
+        and model.trainable_variables
+    ):
         # Built here, eagerly and on the mesh, not lazily inside the traced
         # train step (where DTensor variables cannot be created).
         with placing(tp), keras.src.backend.name_scope(optimizer.name, caller=optimizer):
@@ -308,6 +325,39 @@ def adopt(model, tp):
                 optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
             }
     return assignments
+
+
+def adopt_optimizer(optimizer, trainable_variables, tp):
+    """Builds a standalone `optimizer` on `tp`'s mesh; moves state that is elsewhere.
+
+    For optimizers used outside `compile` (custom loops). State that belongs
+    to a variable takes that variable's layout; the rest (iterations,
+    learning rate, loss scale) is replicated. Built here, eagerly, because
+    DTensor variables cannot be created inside the traced step.
+    """
+    install()
+    if not optimizer.built:
+        with placing(tp), keras.src.backend.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(trainable_variables)
+    refs = _optimizer_references(optimizer)
+    for v in optimizer.variables:
+        ref = refs.get(id(v))
+        target = _dtensor.layout_of(ref._value) if ref is not None else None
+        _move(v, target or _dtensor.replicated(tp.mesh, len(v.shape)), tp)
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        # Keys are the ids of the current tf variables, which `tp.shard` may
+        # have replaced since the optimizer was built.
+        if opt is not None and getattr(opt, "built", False):
+            opt._trainable_variables_indices = {
+                opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)
+            }
+
+
+def adopt_metric(metric, tp):
+    """Moves a Keras metric's state onto `tp`'s mesh, replicated."""
+    install()
+    for v in metric.variables:
+        _move(v, _dtensor.replicated(tp.mesh, len(v.shape)), tp)
 
 
 def _move(variable, target, tp):
