@@ -5,6 +5,7 @@ from tfpar.mesh import DeviceMesh
 from tfpar.plan import Plan
 from tfpar.styles import ColumnParallel, ParallelStyle, Replicated, RowParallel
 from tfpar.tensor_parallel import TensorParallel
+from tfpar.training import eval_step, train_step
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,6 @@ __all__ = [
     "RowParallel",
     "TensorParallel",
     "configure_virtual_devices",
+    "eval_step",
+    "train_step",
 ]
