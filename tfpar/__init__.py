@@ -1,6 +1,7 @@
 """tfpar: Megatron-style tensor parallelism for Keras 3 models on DTensor."""
 
 from tfpar.devices import configure_virtual_devices
+from tfpar.launch import initialize, num_processes, process_index
 from tfpar.mesh import DeviceMesh
 from tfpar.plan import Plan
 from tfpar.styles import ColumnParallel, ParallelStyle, Replicated, RowParallel
@@ -19,5 +20,8 @@ __all__ = [
     "TensorParallel",
     "configure_virtual_devices",
     "eval_step",
+    "initialize",
+    "num_processes",
+    "process_index",
     "train_step",
 ]

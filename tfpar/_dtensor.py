@@ -18,6 +18,8 @@ __all__ = [
     "is_dtensor",
     "layout",
     "layout_of",
+    "local_shard_counts",
+    "pack_local",
     "place",
     "replicated",
 ]
@@ -81,6 +83,66 @@ def place(value, target):
         # Moving across meshes goes through the host: gather, then place.
         return place(gather(value), target)
     return dtensor.relayout(value, target)
+
+
+def local_shard_counts(target, dim):
+    """(shards of dimension `dim` that this process's devices hold, shards in all).
+
+    For a batch laid out on a `(P, K)` mesh over P processes, sharded on the
+    first axis: (1, P), each process holds one row block. A dimension that is
+    not sharded: (1, 1).
+    """
+    axis = target.sharding_specs[dim]
+    if axis == dtensor.UNSHARDED:
+        return 1, 1
+    mesh = target.mesh
+    a = mesh.dim_names.index(axis)
+    held = {mesh.device_location(d)[a] for d in mesh.local_device_ids()}
+    return len(held), mesh.dim_size(axis)
+
+
+def pack_local(value, target):
+    """A DTensor with layout `target` built from this process's part of it.
+
+    Multi-process feeding: each process holds only the block of the global
+    tensor its own devices need (for a batch sharded on a mesh axis that runs
+    across processes, its rows). Along every sharded dimension the local
+    block is the concatenation, in order, of the shards this process's
+    devices hold; the global shape is the local one times (shards in all /
+    shards held here). Nothing crosses processes: `dtensor.pack` assembles
+    the DTensor from local components. In a single process this equals
+    `place(value, target)`.
+
+    Raises:
+        ValueError: the local block does not divide into the shards this
+            process holds.
+    """
+    value = tf.convert_to_tensor(value)
+    mesh = target.mesh
+    shape = value.shape.as_list()
+    local_ids = list(mesh.local_device_ids())
+    components = []
+    for device in local_ids:
+        location = mesh.device_location(device)
+        index = []
+        for dim, axis in enumerate(target.sharding_specs):
+            if axis == dtensor.UNSHARDED:
+                index.append(slice(None))
+                continue
+            a = mesh.dim_names.index(axis)
+            held = sorted({mesh.device_location(d)[a] for d in local_ids})
+            if shape[dim] % len(held):
+                raise ValueError(
+                    f"This process's block of {shape[dim]} along dimension {dim} does not "
+                    f"divide into the {len(held)} shard(s) of mesh axis {axis!r} its devices "
+                    f"hold. Give each process a multiple of {len(held)} (e.g. batch with "
+                    "drop_remainder=True)."
+                )
+            step = shape[dim] // len(held)
+            start = held.index(location[a]) * step
+            index.append(slice(start, start + step))
+        components.append(value[tuple(index)])
+    return dtensor.pack(components, target)
 
 
 def gather(value):

@@ -5,7 +5,7 @@ import tensorflow as tf
 from tfpar import _dtensor
 from tfpar.styles import UNSHARDED
 
-__all__ = ["batch_layout", "distribute_batch"]
+__all__ = ["batch_layout", "distribute_batch", "process_batch_layout"]
 
 
 def batch_layout(mesh, data_axis, shape):
@@ -38,7 +38,30 @@ def _check_divisible(shape, mesh, data_axis):
         )
 
 
-def distribute_batch(batch, mesh, data_axis, *, allow_partial=True):
+def process_batch_layout(mesh, data_axis, local_shape):
+    """(layout, global shape) of a batch of which this process holds `local_shape`.
+
+    The batch is sharded on `data_axis`; this process's rows are the shards
+    its devices hold, so the global batch is the local one times the number
+    of data-axis shards over the number held here.
+    """
+    rank = len(local_shape)
+    if rank == 0 or data_axis is None:
+        return _dtensor.replicated(mesh, rank), tuple(local_shape)
+    target = _dtensor.layout(mesh, (data_axis,) + (UNSHARDED,) * (rank - 1))
+    held, total = _dtensor.local_shard_counts(target, 0)
+    rows = local_shape[0]
+    if rows is None or rows % held:
+        raise ValueError(
+            f"This process's batch of {rows} rows does not divide over the {held} "
+            f"{data_axis!r} shard(s) its devices hold. In a multi-process job every process "
+            f"feeds the same number of rows, a multiple of {held}: batch with "
+            "drop_remainder=True."
+        )
+    return target, (rows // held * total,) + tuple(local_shape[1:])
+
+
+def distribute_batch(batch, mesh, data_axis, *, allow_partial=True, per_process=False):
     """Lays out every tensor of a (nested) batch on the mesh.
 
     Args:
@@ -47,10 +70,28 @@ def distribute_batch(batch, mesh, data_axis, *, allow_partial=True):
         data_axis: the mesh axis that splits the batch, or None.
         allow_partial: lay out a batch the data axis does not divide
             replicated (exact); if False, such a batch is an error.
+        per_process: in a multi-process job, `batch` is this process's part
+            of the global batch (the rows its devices hold on `data_axis`;
+            see `_dtensor.pack_local`), not the whole batch every process
+            holds alike. Every process then feeds batches of one size, and a
+            partial batch cannot be laid out replicated. No effect in a
+            single process, where the part is the whole.
 
     Returns:
         The same nest, each tensor a DTensor on the mesh.
     """
+    if per_process and mesh.num_processes > 1:
+
+        def place_part(x):
+            if x is None:
+                return None
+            if _dtensor.is_dtensor(x):
+                return x
+            x = tf.convert_to_tensor(x)
+            target, _ = process_batch_layout(mesh, data_axis, tuple(x.shape))
+            return _dtensor.pack_local(x, target)
+
+        return tf.nest.map_structure(place_part, batch)
 
     def place(x):
         if x is None:

@@ -1,6 +1,7 @@
 """DeviceMesh: named axes over a grid of devices."""
 
 import math
+import os
 import re
 
 import tensorflow as tf
@@ -17,6 +18,12 @@ def _default_devices():
     raise RuntimeError("TensorFlow sees no device at all.")
 
 
+def _job_size():
+    """Processes DTENSOR_JOBS lists (0 when unset: a single-process run)."""
+    jobs = [j for j in os.environ.get("DTENSOR_JOBS", "").split(",") if j.strip()]
+    return len(jobs)
+
+
 class DeviceMesh:
     """A grid of devices with one name per axis, e.g. `batch=2, model=2`.
 
@@ -29,11 +36,16 @@ class DeviceMesh:
         shape: devices along each axis, e.g. `(2, 2)`.
         axis_names: one name per axis, unique.
         devices: device names such as `"CPU:0"`; default all GPUs, else TPUs,
-            else CPUs. Their number must equal the product of `shape`.
+            else CPUs. Their number must equal the product of `shape`. In a
+            multi-process job (`tfpar.initialize`) they name each process's
+            local devices (default all), and the product of `shape` must equal
+            their number times the number of processes.
 
     Raises:
-        ValueError: shape and device count differ, axis names repeat or do not
-            match the shape.
+        ValueError: shape and device count differ (in a job: all processes'
+            devices together), axis names repeat or do not match the shape.
+        RuntimeError: `DTENSOR_JOBS` is set but `tfpar.initialize()` was not
+            called.
 
     Example:
         >>> mesh = tfpar.DeviceMesh((2, 2))
@@ -56,21 +68,15 @@ class DeviceMesh:
             )
         if any(s < 1 for s in shape):
             raise ValueError(f"DeviceMesh sizes must be positive. Received: shape={shape}.")
-        if devices is None:
-            kind, devices = _default_devices()
-            if dtensor.num_clients() > 1:
-                devices = None  # filled from the global device list below
         self._shape = shape
         self._axis_names = axis_names
+        self._num_processes = 1
         size = math.prod(shape)
-        if devices is None:
-            # Multi-client: every process's devices make one global mesh.
-            self._mesh = dtensor.create_distributed_mesh(
-                list(zip(axis_names, shape)), device_type=kind
-            )
-            self._devices = [str(d) for d in self._mesh.global_device_ids().flatten()]
-            self._device_type = kind
+        if _job_size():
+            self._init_distributed(devices)
             return
+        if devices is None:
+            kind, devices = _default_devices()
         devices = [d.split("device:")[-1] for d in devices]
         if size != len(devices):
             raise ValueError(
@@ -84,6 +90,50 @@ class DeviceMesh:
         self._mesh = dtensor.create_mesh(
             list(zip(axis_names, shape)), devices=devices
         )
+
+    def _init_distributed(self, devices):
+        """One mesh over every process's devices (DTensor multi-client).
+
+        Global device k is local device `k % per_process` of process
+        `k // per_process`, and devices fill the mesh in row-major order: on a
+        `(P, K)` mesh over P processes of K devices each row is one process.
+        """
+        from tensorflow.dtensor.python import accelerator_util
+
+        shape, size, processes = self._shape, math.prod(self._shape), _job_size()
+        if not accelerator_util.is_initialized():
+            raise RuntimeError(
+                f"DTENSOR_JOBS describes a job of {processes} process(es), but this process has "
+                "not joined it: call tfpar.initialize() first thing in the program, before "
+                "any mesh or TensorFlow op."
+            )
+        if devices is None:
+            kind = "GPU" if dtensor.num_local_devices("GPU") else "CPU"
+            local = [f"{kind}:{i}" for i in range(dtensor.num_local_devices(kind))]
+        else:
+            local = [d.split("device:")[-1] for d in devices]
+            kind = local[0].split(":")[0].upper() if local else "CPU"
+        total = len(local) * processes
+        if size != total:
+            need = size // processes if size % processes == 0 else "more"
+            raise ValueError(
+                "DeviceMesh shape does not match the number of devices of all processes. "
+                f"Received: shape={shape} (product {size}); {processes} processes x "
+                f"{len(local)} {kind} devices each = {total} devices. Use a shape whose "
+                f"product is {total}, or give each process {need} devices "
+                "(tfpar launch --devices-per-process, TFPAR_DEVICES_PER_PROCESS)."
+            )
+        self._mesh = dtensor.create_distributed_mesh(
+            list(zip(self._axis_names, shape)), local_devices=local, device_type=kind
+        )
+        job = dtensor.job_name()
+        self._devices = [
+            f"/job:{job}/replica:0/task:{int(k) // len(local)}/device:{local[int(k) % len(local)]}"
+            for k in self._mesh.global_device_ids().flatten()
+        ]
+        self._local_devices = local
+        self._device_type = kind
+        self._num_processes = processes
 
     @classmethod
     def parse(cls, spec, devices=None):
@@ -132,6 +182,16 @@ class DeviceMesh:
         return list(self._devices)
 
     @property
+    def local_devices(self):
+        """The devices of this mesh that belong to this process."""
+        return list(getattr(self, "_local_devices", self._devices))
+
+    @property
+    def num_processes(self):
+        """Processes whose devices make up the mesh (1 unless `tfpar.initialize` joined a job)."""
+        return self._num_processes
+
+    @property
     def size(self):
         return math.prod(self._shape)
 
@@ -162,7 +222,8 @@ class DeviceMesh:
 
     def __repr__(self):
         axes = " ".join(f"{n}={s}" for n, s in zip(self._axis_names, self._shape))
-        return f"<DeviceMesh {axes} on {self.size} {self._device_type}>"
+        where = f" over {self._num_processes} processes" if self._num_processes > 1 else ""
+        return f"<DeviceMesh {axes} on {self.size} {self._device_type}{where}>"
 
     def __eq__(self, other):
         return isinstance(other, DeviceMesh) and self._mesh == other._mesh

@@ -108,11 +108,21 @@ class TensorParallel:
             allow_partial: a final batch the data axis does not divide is laid
                 out replicated (exact); False makes it an error.
             prefetch: batches the host prepares ahead.
+
+        In a multi-process job (`tfpar.initialize`) each process's dataset
+        yields only its part of every global batch: the rows its devices
+        hold on the data axis (on a `(P, K)` mesh, a 1/P share; e.g.
+        `ds.shard(tfpar.num_processes(), tfpar.process_index())` before
+        `batch`). Every process must yield batches of the same size, so
+        batch with `drop_remainder=True`. `fit`/`evaluate`/`predict`
+        instead take the whole data, the same in every process.
         """
         if isinstance(dataset, tf.data.Dataset) and prefetch:
             dataset = dataset.prefetch(prefetch)
         for batch in dataset:
-            yield self._distribute(batch, allow_partial=allow_partial)
+            yield data_lib.distribute_batch(
+                batch, self.mesh, self.data_axis, allow_partial=allow_partial, per_process=True
+            )
 
     def describe(self, model):
         """A table: layer path, style, kernel/bias layouts, bytes per device."""
