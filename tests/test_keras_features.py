@@ -266,3 +266,15 @@ def test_memory_report_counts_optimizer_state_once_built():
     assert after["optimizer_bytes"] == 2 * after["param_bytes"] + 8 + 4
     assert after["total_bytes"] == after["param_bytes"] + after["optimizer_bytes"]
     assert after["per_device_optimizer_bytes"] < after["optimizer_bytes"] / 2
+
+
+def test_auto_plan_starts_afresh_in_each_scope():
+    tp = tfpar.TensorParallel(make_mesh("1x2"))
+    with tp.scope():
+        build_mlp()
+    with tp.scope():
+        keras.utils.set_random_seed(0)
+        second = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="a"),
+                                   keras.layers.Dense(8, name="b")])
+    testing.assert_layout(second.get_layer("a").kernel, ("unsharded", "model"))
+    testing.assert_layout(second.get_layer("b").kernel, ("model", "unsharded"))

@@ -77,6 +77,8 @@ class TensorParallel:
         Build (and usually compile) the model inside; `fit`, `evaluate` and
         `predict` may then be called anywhere.
         """
+        # "auto" pairs the Dense layers created in this scope, in order.
+        self._seen_layers = {}
         with adapter.placing(self):
             yield self
 
