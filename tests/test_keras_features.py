@@ -278,3 +278,41 @@ def test_auto_plan_starts_afresh_in_each_scope():
                                    keras.layers.Dense(8, name="b")])
     testing.assert_layout(second.get_layer("a").kernel, ("unsharded", "model"))
     testing.assert_layout(second.get_layer("b").kernel, ("model", "unsharded"))
+
+
+def test_compile_outside_scope_sample_and_class_weights_and_x_only_dataset():
+    x, y = regression_data(30)
+    weights = np.random.RandomState(3).rand(30).astype("float32")
+    plain = build_mlp()
+    tp = tfpar.TensorParallel(make_mesh("2x2"))
+    with tp.scope():
+        sharded = build_mlp()
+    histories = []
+    for model in (plain, sharded):  # the sharded model is compiled outside the scope
+        model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+        histories.append(model.fit(x, y, sample_weight=weights, batch_size=8, epochs=2,
+                                   shuffle=False, verbose=0).history)
+    for key in ("loss", "mae"):
+        np.testing.assert_allclose(histories[1][key], histories[0][key], atol=1e-5)
+    testing.assert_sharded_close(sharded.weights, plain.get_weights())
+    np.testing.assert_allclose(sharded.evaluate(x, y, sample_weight=weights, verbose=0),
+                               plain.evaluate(x, y, sample_weight=weights, verbose=0), atol=1e-5)
+    only_x = tf.data.Dataset.from_tensor_slices(x).batch(7)
+    got = sharded.predict(only_x, verbose=0)
+    assert got.shape == (30, 4)
+    np.testing.assert_allclose(got, plain.predict(only_x, verbose=0), atol=1e-5)
+
+    labels = np.random.RandomState(4).randint(0, 4, 30)
+    class_weight = {0: 1.0, 1: 2.0, 2: 0.5, 3: 1.5}
+    runs = []
+    for model in compiled_pair(
+        optimizer="rmsprop",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )[::2]:
+        runs.append(model.fit(x, labels, class_weight=class_weight, batch_size=8, epochs=2,
+                              shuffle=False, verbose=0))
+        runs[-1].weights = model.get_weights()
+    np.testing.assert_allclose(runs[1].history["loss"], runs[0].history["loss"], atol=1e-5)
+    for a, b in zip(runs[0].weights, runs[1].weights):
+        np.testing.assert_allclose(b, a, atol=1e-5)
