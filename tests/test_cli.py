@@ -48,3 +48,16 @@ def test_unknown_command_exits_with_usage(capsys):
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_importing_tfpar_and_its_command_does_not_load_tensorflow():
+    code = (
+        "import sys, tfpar, tfpar.cli\n"
+        "list(tfpar.cli._optional_commands())\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow loaded'\n"
+        "assert sorted(tfpar.__all__) == tfpar.__all__ and 'TensorParallel' in dir(tfpar)\n"
+        "tfpar.TensorParallel\n"
+        "assert 'tensorflow' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -75,7 +75,9 @@ def _optional_commands():
 
 def main(argv=None):
     """Runs `tfpar <command>`; returns the exit code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Before TensorFlow loads: hide its C++ start-up and cost-model chatter
+    # (set TF_CPP_MIN_LOG_LEVEL yourself to see it).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = argparse.ArgumentParser(
         prog="tfpar", description="Tensor parallelism for Keras 3 models on TensorFlow DTensor."
     )
