@@ -199,7 +199,7 @@ class LaidOutVariable(dtensor.DVariable):
         graph = tf.compat.v1.get_default_graph()
         pending = self._pending_values()
         previous = pending.get(graph)
-        current = previous[0] if previous is not None else None
+        current = self._pending_value()
         if kind == "assign":
             new = value
         else:
@@ -226,10 +226,26 @@ class LaidOutVariable(dtensor.DVariable):
 
     def _read_variable_op(self, no_copy=False):
         if not tf.executing_eagerly():
-            previous = self._pending_values().get(tf.compat.v1.get_default_graph())
-            if previous is not None:
-                return tf.identity(previous[0])
+            current = self._pending_value()
+            if current is not None:
+                return tf.identity(current)
         return super()._read_variable_op(no_copy=no_copy)
+
+    def _pending_value(self):
+        """The value last written in this function, or an enclosing one.
+
+        A `tf.cond`/`tf.while_loop` body is a graph of its own inside the
+        function: it sees a write made before it through its outer graph
+        (the tensor is captured into the body).
+        """
+        pending = self._pending_values()
+        graph = tf.compat.v1.get_default_graph()
+        while graph is not None:
+            previous = pending.get(graph)
+            if previous is not None:
+                return previous[0]
+            graph = getattr(graph, "outer_graph", None)
+        return None
 
     def numpy(self):
         return gather(self.read_value()).numpy()
