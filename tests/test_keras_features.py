@@ -316,3 +316,13 @@ def test_compile_outside_scope_sample_and_class_weights_and_x_only_dataset():
     np.testing.assert_allclose(runs[1].history["loss"], runs[0].history["loss"], atol=1e-5)
     for a, b in zip(runs[0].weights, runs[1].weights):
         np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_optimizer_built_in_a_scope_for_a_plain_model_is_replicated_on_the_mesh():
+    plain = build_mlp()
+    tp = tfpar.TensorParallel(make_mesh("1x2"))
+    with tp.scope():
+        optimizer = keras.optimizers.Adam()
+        optimizer.build(plain.trainable_variables)
+    for v in optimizer.variables:
+        testing.assert_layout(v, ("unsharded",) * len(v.shape))

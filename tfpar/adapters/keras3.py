@@ -150,9 +150,12 @@ def _initialize(self, value):
             value = value()
         value = tf.convert_to_tensor(value, dtype=self._dtype)
     reference = getattr(_state, "reference", None)
+    layout = None
     if reference is not None and tuple(reference.shape) == tuple(value.shape):
         layout = _dtensor.layout_of(reference._value)
-    else:
+        if layout is not None and layout.mesh != tp.mesh.dtensor_mesh:
+            layout = None  # state of a variable on another mesh: lay it out afresh
+    if layout is None:
         layout = tp._creation_layout(self, _creating_layer(), value.shape)
     with tf.init_scope():
         variable = _dtensor.make_variable(
