@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tfpar import baselines, bench
+from tfpar.devices import mesh_size
 from tfpar.cli import main
 
 from .conftest import DEVICES
@@ -116,4 +117,4 @@ def test_mirrored_fit_equals_the_custom_loop():
 def test_bench_rejects_bad_settings():
     with pytest.raises(ValueError, match="steps >= 1"):
         bench.run_bench(["1x2"], hidden=8, layers=2, batch=4, steps=0)
-    assert bench.mesh_size("batch=2,model=2") == 4 and bench.mesh_size("1x4") == 4
+    assert mesh_size("batch=2,model=2") == 4 and mesh_size("1x4") == 4 and mesh_size("4") == 4

@@ -68,6 +68,8 @@ def add_parser(subparsers):
 
 def run(args):
     """`tfpar bench` from parsed arguments; returns the exit code."""
+    from tfpar.devices import mesh_size, prepare_devices
+
     meshes = args.mesh or list(DEFAULT_MESHES)
     prepare_devices(max(mesh_size(m) for m in meshes))
     run_bench(
@@ -84,55 +86,6 @@ def run(args):
         progress=not args.no_progress,
     )
     return 0
-
-
-# --- devices ---------------------------------------------------------------------
-
-
-def mesh_size(spec):
-    """Devices a mesh text needs: '2x2' -> 4, 'batch=2,model=2' -> 4, '4' -> 4."""
-    numbers = [int(n) for n in re.findall(r"\d+", str(spec))]
-    if not numbers:
-        raise ValueError(f"Cannot read mesh {spec!r}. Write it as '2x2' or 'batch=2,model=2'.")
-    return math.prod(numbers)
-
-
-def prepare_devices(n):
-    """At least `n` devices: GPUs if there are enough, else logical ones.
-
-    Leaves an existing split of at least `n` logical devices as it is (a
-    test session's, say), so other code in the process keeps its devices.
-    Returns the device names to use, `n` of them.
-    """
-    import tensorflow as tf
-
-    import tfpar
-
-    gpus = tf.config.list_physical_devices("GPU")
-    kind = "GPU" if gpus else "CPU"
-    if kind == "GPU" and len(gpus) >= n:
-        return _logical(kind)[:n]
-    physical = tf.config.list_physical_devices(kind)[0]
-    configured = tf.config.get_logical_device_configuration(physical)
-    if configured is None or len(configured) < n:
-        try:
-            tfpar.configure_virtual_devices(n, kind)
-        except RuntimeError:
-            if len(_logical(kind)) < n:
-                raise
-    names = _logical(kind)
-    if len(names) < n:
-        raise RuntimeError(
-            f"tfpar bench needs {n} {kind} devices and TensorFlow has {len(names)}; run it in a "
-            "fresh process, or bench smaller meshes."
-        )
-    return names[:n]
-
-
-def _logical(kind):
-    from tfpar.devices import list_devices
-
-    return list_devices(kind)
 
 
 # --- tfpar's configuration ----------------------------------------------------------------
@@ -196,6 +149,7 @@ class _Config:
 
 def _configs(meshes, devices, weights, x, y, batch, layers):
     from tfpar import baselines
+    from tfpar.devices import mesh_size
     from tfpar.mesh import DeviceMesh
 
     configs = [_Config("single", "1x1", 1,
@@ -273,7 +227,7 @@ def run_bench(meshes=DEFAULT_MESHES, *, hidden=2048, layers=4, batch=256, steps=
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tfpar import baselines
-    from tfpar.devices import list_devices
+    from tfpar.devices import list_devices, mesh_size
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"tfpar bench needs steps >= 1 and warmup >= 0. Received: steps={steps}, warmup={warmup}.")
@@ -290,7 +244,7 @@ def run_bench(meshes=DEFAULT_MESHES, *, hidden=2048, layers=4, batch=256, steps=
     if len(devices) < need:
         raise RuntimeError(
             f"tfpar bench needs {need} {kind} devices for mesh(es) {meshes} and TensorFlow has "
-            f"{len(devices)}; call tfpar.bench.prepare_devices({need}) first thing in the process."
+            f"{len(devices)}; call tfpar.devices.prepare_devices({need}) first thing in the process."
         )
 
     distinct = max(1, min(warmup + steps, 8))

@@ -15,7 +15,8 @@ def _add_info(sub):
 
 
 def _run_info(args):
-    from tfpar.demo import prepare_devices, versions
+    from tfpar.demo import versions
+    from tfpar.devices import prepare_devices
 
     if args.devices:
         prepare_devices(args.devices)

@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-__all__ = ["run_demo", "prepare_devices", "versions", "load_digits"]
+__all__ = ["run_demo", "versions", "load_digits"]
 
 
 def versions():
@@ -14,28 +14,6 @@ def versions():
     import tfpar
 
     return {"tfpar": tfpar.__version__, "tensorflow": tf.__version__, "keras": keras.__version__}
-
-
-def prepare_devices(n):
-    """Makes at least `n` devices: GPUs if there are enough, else logical ones.
-
-    Returns the device type used. Must run before TensorFlow initialises.
-    """
-    import tensorflow as tf
-
-    import tfpar
-
-    gpus = tf.config.list_physical_devices("GPU")
-    kind = "GPU" if gpus else "CPU"
-    if len(gpus) >= n:
-        return "GPU"
-    try:
-        tfpar.configure_virtual_devices(max(n, 1), kind)
-    except RuntimeError:
-        # TensorFlow is already up (e.g. a test process): enough devices will do.
-        if len(tf.config.list_logical_devices(kind)) < n:
-            raise
-    return kind
 
 
 def load_digits(seed=0):
@@ -84,19 +62,16 @@ def run_demo(mesh="2x2", epochs=8, batch_size=64, hidden=128, seed=0, print_fn=p
     Returns 0 when the sharded run equals the unsharded one within 1e-5
     (weights) and reaches the same accuracy, 1 otherwise.
     """
-    import tfpar
+    from tfpar.devices import mesh_size, prepare_devices
 
-    from tfpar.mesh import DeviceMesh
-
-    spec = mesh
-    needed = _mesh_size(spec)
-    kind = prepare_devices(needed)
+    devices = prepare_devices(mesh_size(mesh))
 
     import keras
-    import tensorflow as tf
 
-    devices = [d.name.split("device:")[-1] for d in tf.config.list_logical_devices(kind)][:needed]
-    mesh = DeviceMesh.parse(spec, devices=devices)
+    import tfpar
+
+    mesh = tfpar.DeviceMesh.parse(mesh, devices=devices)
+    kind = mesh.device_type
     data = load_digits(seed)
     print_fn(f"tfpar demo: digits classifier (scikit-learn's UCI digits, {len(data[0])} train / "
              f"{len(data[2])} test images) on {mesh!r}")
@@ -129,15 +104,3 @@ def run_demo(mesh="2x2", epochs=8, batch_size=64, hidden=128, seed=0, print_fn=p
     ok = difference <= 1e-5 and abs(sharded_accuracy - plain_accuracy) < 1e-6
     print_fn("OK: sharded training equals unsharded." if ok else "MISMATCH: sharded differs from unsharded.")
     return 0 if ok else 1
-
-
-def _mesh_size(spec):
-    import re
-
-    numbers = [int(n) for n in re.findall(r"\d+", str(spec))]
-    size = 1
-    for n in numbers:
-        size *= n
-    if re.fullmatch(r"\d+", str(spec).strip()):
-        return numbers[0]
-    return size

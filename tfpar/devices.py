@@ -1,8 +1,11 @@
 """Logical devices: split one physical device into several."""
 
+import math
+import re
+
 import tensorflow as tf
 
-__all__ = ["configure_virtual_devices", "list_devices"]
+__all__ = ["configure_virtual_devices", "list_devices", "mesh_size", "prepare_devices"]
 
 
 def _short_name(device_name):
@@ -68,3 +71,39 @@ def configure_virtual_devices(n, device_type="CPU"):
             f"or use the {have} device(s) that exist."
         ) from e
     return list_devices(device_type)
+
+
+def mesh_size(spec):
+    """Devices a mesh text needs: '2x2' -> 4, 'batch=2,model=2' -> 4, '4' -> 4."""
+    numbers = [int(n) for n in re.findall(r"\d+", str(spec))]
+    if not numbers:
+        raise ValueError(f"Cannot read mesh {spec!r}. Write it as '2x2' or 'batch=2,model=2'.")
+    return math.prod(numbers)
+
+
+def prepare_devices(n):
+    """At least `n` devices: GPUs if there are enough, else logical ones.
+
+    Leaves an existing split of at least `n` logical devices as it is (a
+    test session's, say), so other code in the process keeps its devices.
+    Returns the device names to use, `n` of them.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    kind = "GPU" if gpus else "CPU"
+    if kind == "GPU" and len(gpus) >= n:
+        return list_devices(kind)[:n]
+    physical = tf.config.list_physical_devices(kind)[0]
+    configured = tf.config.get_logical_device_configuration(physical)
+    if configured is None or len(configured) < n:
+        try:
+            configure_virtual_devices(n, kind)
+        except RuntimeError:
+            if len(list_devices(kind)) < n:
+                raise
+    names = list_devices(kind)
+    if len(names) < n:
+        raise RuntimeError(
+            f"tfpar needs {n} {kind} devices and TensorFlow has {len(names)}; run it in a "
+            "fresh process, or use a smaller mesh."
+        )
+    return names[:n]
