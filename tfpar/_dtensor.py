@@ -172,9 +172,9 @@ class LaidOutVariable(dtensor.DVariable):
     """A DVariable whose reads inside a function see that function's writes.
 
     DTensor (TF 2.21) can order a `ReadVariableOp` before an earlier
-    `AssignVariableOp` of the same variable inside a `tf.function`: the
-    control edge that orders them is lost when the function is lowered to
-    the mesh. Keras 3's Adam writes its moments and then reads them to update
+    `AssignVariableOp` of the same variable inside a `tf.function` (observed:
+    the read returns the old value, as if the automatic control dependency
+    between them were dropped when the function runs on the mesh). Keras 3's Adam writes its moments and then reads them to update
     the weight, so on a mesh it trains silently wrong (the weight update sees
     moments of zero, or stale ones). Eager execution is unaffected.
 
