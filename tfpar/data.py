@@ -80,26 +80,16 @@ def distribute_batch(batch, mesh, data_axis, *, allow_partial=True, per_process=
     Returns:
         The same nest, each tensor a DTensor on the mesh.
     """
-    if per_process and mesh.num_processes > 1:
-
-        def place_part(x):
-            if x is None:
-                return None
-            if _dtensor.is_dtensor(x):
-                return x
-            x = tf.convert_to_tensor(x)
-            target, _ = process_batch_layout(mesh, data_axis, tuple(x.shape))
-            return _dtensor.pack_local(x, target)
-
-        return tf.nest.map_structure(place_part, batch)
+    this_process_part = per_process and mesh.num_processes > 1
 
     def place(x):
-        if x is None:
-            return None
-        if _dtensor.is_dtensor(x):
+        if x is None or _dtensor.is_dtensor(x):
             return x
         x = tf.convert_to_tensor(x)
         shape = tuple(x.shape)
+        if this_process_part:
+            target, _ = process_batch_layout(mesh, data_axis, shape)
+            return _dtensor.pack_local(x, target)
         if not allow_partial and data_axis is not None:
             _check_divisible(shape, mesh, data_axis)
         return _dtensor.place(x, batch_layout(mesh, data_axis, shape))
