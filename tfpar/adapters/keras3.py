@@ -242,21 +242,21 @@ def owner_of(model):
 
 def model_variables(model):
     """Every variable tfpar places for a model: weights, metrics, optimizer, seeds."""
-    seen, out = set(), []
+    optimizer = getattr(model, "optimizer", None)
+    return _unique(
+        list(model.variables)
+        + list(getattr(model, "metrics_variables", []))
+        + (list(optimizer.variables) if optimizer is not None else [])
+    )
 
-    def add(v):
+
+def _unique(variables):
+    """Initialised variables, each once, in order."""
+    seen, out = set(), []
+    for v in variables:
         if id(v) not in seen and getattr(v, "_value", None) is not None:
             seen.add(id(v))
             out.append(v)
-
-    for v in model.variables:
-        add(v)
-    for v in getattr(model, "metrics_variables", []):
-        add(v)
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None:
-        for v in optimizer.variables:
-            add(v)
     return out
 
 
@@ -296,57 +296,39 @@ def adopt(model, tp, *, build_optimizer=False):
         _set_output_gather(layer, tp, style.output_gathered())
         for v in _own_variables(layer):
             expected[id(v)] = tp._style_layout(spec, style, _short_name(v), len(v.shape))
-    optimizer = getattr(model, "optimizer", None)
-    if (
-        build_optimizer
-        and optimizer is not None
-        and not optimizer.built
-        and model.built
-        and model.trainable_variables
-    ):
-        # Built here, eagerly and on the mesh, not lazily inside the traced
-        # train step (where DTensor variables cannot be created).
-        with placing(tp), keras.src.backend.name_scope(optimizer.name, caller=optimizer):
-            optimizer.build(model.trainable_variables)
-    refs = _optimizer_references(optimizer) if optimizer is not None else {}
     moved = False
-    for v in model_variables(model):
-        if id(v) in refs:
-            continue
+    for v in _unique(list(model.variables) + list(getattr(model, "metrics_variables", []))):
         target = expected.get(id(v)) or _dtensor.replicated(tp.mesh, len(v.shape))
         moved |= _move(v, target, tp)
-    for v in (optimizer.variables if optimizer is not None else []):
-        ref = refs.get(id(v))
-        if ref is not None:
-            target = expected.get(id(ref)) or _dtensor.replicated(tp.mesh, len(v.shape))
-            moved |= _move(v, target, tp)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        build = build_optimizer and model.built and bool(model.trainable_variables)
+        moved |= adopt_optimizer(optimizer, model.trainable_variables, tp, build=build)
     if moved:
         for attribute in ("train_function", "test_function", "predict_function"):
             setattr(model, attribute, None)
-        if optimizer is not None and getattr(optimizer, "built", False):
-            optimizer._trainable_variables_indices = {
-                optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
-            }
     return assignments
 
 
-def adopt_optimizer(optimizer, trainable_variables, tp):
-    """Builds a standalone `optimizer` on `tp`'s mesh; moves state that is elsewhere.
+def adopt_optimizer(optimizer, trainable_variables, tp, *, build=True):
+    """Builds `optimizer` on `tp`'s mesh (if `build`); moves state that is elsewhere.
 
-    For optimizers used outside `compile` (custom loops). State that belongs
-    to a variable takes that variable's layout; the rest (iterations,
-    learning rate, loss scale) is replicated. Built here, eagerly, because
-    DTensor variables cannot be created inside the traced step.
+    For optimizers of compiled models (`adopt`) and used outside `compile`
+    (custom loops). State that belongs to a variable takes that variable's
+    layout; the rest (iterations, learning rate, loss scale) is replicated.
+    Built here, eagerly, because DTensor variables cannot be created inside
+    the traced step. Returns whether any variable moved.
     """
     install()
-    if not optimizer.built:
+    if build and not optimizer.built:
         with placing(tp), keras.src.backend.name_scope(optimizer.name, caller=optimizer):
             optimizer.build(trainable_variables)
     refs = _optimizer_references(optimizer)
-    for v in optimizer.variables:
+    moved = False
+    for v in _unique(optimizer.variables):
         ref = refs.get(id(v))
         target = _dtensor.layout_of(ref._value) if ref is not None else None
-        _move(v, target or _dtensor.replicated(tp.mesh, len(v.shape)), tp)
+        moved |= _move(v, target or _dtensor.replicated(tp.mesh, len(v.shape)), tp)
     for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
         # Keys are the ids of the current tf variables, which `tp.shard` may
         # have replaced since the optimizer was built.
@@ -354,6 +336,7 @@ def adopt_optimizer(optimizer, trainable_variables, tp):
             opt._trainable_variables_indices = {
                 opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)
             }
+    return moved
 
 
 def adopt_metric(metric, tp):
