@@ -83,15 +83,20 @@ def distribute_batch(batch, mesh, data_axis, *, allow_partial=True, per_process=
     this_process_part = per_process and mesh.num_processes > 1
 
     def place(x):
-        if x is None or _dtensor.is_dtensor(x):
-            return x
-        x = tf.convert_to_tensor(x)
+        if x is None:
+            return None
+        laid_out = _dtensor.is_dtensor(x)
+        if not laid_out:
+            x = tf.convert_to_tensor(x)
         shape = tuple(x.shape)
+        if not this_process_part and not allow_partial and data_axis is not None:
+            # DTensors too: one laid out replicated may hold a partial batch.
+            _check_divisible(shape, mesh, data_axis)
+        if laid_out:
+            return x
         if this_process_part:
             target, _ = process_batch_layout(mesh, data_axis, shape)
             return _dtensor.pack_local(x, target)
-        if not allow_partial and data_axis is not None:
-            _check_divisible(shape, mesh, data_axis)
         return _dtensor.place(x, batch_layout(mesh, data_axis, shape))
 
     return tf.nest.map_structure(place, batch)

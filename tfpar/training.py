@@ -27,7 +27,6 @@ import keras
 import tensorflow as tf
 
 from tfpar import _dtensor
-from tfpar import data as data_lib
 from tfpar.adapters import keras3 as adapter
 
 __all__ = ["EvalStep", "TrainStep", "eval_step", "train_step"]
@@ -166,13 +165,7 @@ class _Step:
             metric.reset_state()
 
     def _layout_batch(self, x, y, sample_weight):
-        tp = self._tp
-        batch = (x, y, sample_weight)
-        if not self.allow_partial and tp.data_axis is not None:
-            for leaf in tf.nest.flatten(batch):
-                shape = tuple(getattr(leaf, "shape", ()))
-                data_lib._check_divisible(shape, tp.mesh, tp.data_axis)
-        return tp._distribute(batch, allow_partial=self.allow_partial)
+        return self._tp._distribute((x, y, sample_weight), allow_partial=self.allow_partial)
 
     def _loss(self, y, y_pred, sample_weight):
         if sample_weight is None:
